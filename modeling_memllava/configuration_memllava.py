@@ -113,16 +113,12 @@ class MemLlavaOnevisionConfig(LlavaOnevisionConfig):
                 f"MemLlavaOnevisionConfig.memory_num_heads={self.memory_num_heads} must divide the LLM width "
                 f"text_config.hidden_size={width}"
             )
-        vision = self.vision_config
-        if vision.image_size % vision.patch_size != 0:
-            raise ValueError(
-                f"vision_config.image_size={vision.image_size} must be a multiple of "
-                f"vision_config.patch_size={vision.patch_size}"
-            )
 
     @property
     def tokens_per_frame(self) -> int:
-        """P: tokens one frame contributes after LLaVA-OV's `apply_pooling` (196 for the 384px SigLIP)."""
+        """P: tokens one frame contributes after LLaVA-OV's `apply_pooling` (196 for the 384px SigLIP).
+
+        The patch grid floors like SigLIP's convolution (384 // 14 = 27); pooling halves it rounding up (14)."""
         side = self.vision_config.image_size // self.vision_config.patch_size
         return math.ceil(side / 2) ** 2
 
