@@ -94,3 +94,37 @@ def make_video(
 ) -> str:
     """Write a `moving_square_frames` video: the one-liner tests and the demo use."""
     return write_video(path, moving_square_frames(num_frames, height, width, seed=seed), fps=fps, codec=codec)
+
+
+# -- needle in a video haystack -------------------------------------------------------------------------------------
+
+NEEDLE_COLOURS = {"red": (230, 30, 30), "green": (30, 200, 40), "blue": (30, 60, 230), "yellow": (235, 220, 30)}
+
+
+def needle_frames(
+    num_frames: int, needle_index: int, colour: str, height: int = 64, width: int = 64, *, seed: int = 0
+) -> Iterable[np.ndarray]:
+    """Grey distractor frames (noise texture and drifting grey blobs, no colour at all) with one frame, at
+    `needle_index`, showing a large disc of `colour`: the only coloured thing in the whole video."""
+    if not 0 <= needle_index < num_frames:
+        raise ValueError(f"needle_index {needle_index} outside a {num_frames}-frame video")
+    rng = np.random.default_rng(seed)
+    texture = rng.integers(60, 140, size=(height, width), dtype=np.uint8)
+    yy, xx = np.mgrid[0:height, 0:width]
+    blobs = rng.uniform(0, 1, size=(3, 4))  # x, y, speed, phase of each grey blob
+    for index in range(num_frames):
+        grey = texture.astype(np.int16)
+        for x0, y0, speed, phase in blobs:
+            cx = (x0 * width + index * speed * 2) % width
+            cy = (y0 * height + 10 * np.sin(index * 0.2 + 6 * phase)) % height
+            grey[(xx - cx) ** 2 + (yy - cy) ** 2 < (min(height, width) / 8) ** 2] += 70
+        frame = np.repeat(np.clip(grey, 0, 255).astype(np.uint8)[..., None], 3, axis=2)
+        if index == needle_index:
+            cx, cy = rng.uniform(0.3, 0.7) * width, rng.uniform(0.3, 0.7) * height
+            frame[(xx - cx) ** 2 + (yy - cy) ** 2 < (min(height, width) / 3.5) ** 2] = NEEDLE_COLOURS[colour]
+        yield frame
+
+
+def make_needle_video(path, num_frames: int, needle_index: int, colour: str, *, size: int = 64, fps: float = 4.0, seed: int = 0) -> str:
+    """Write a needle video with a real codec (h264)."""
+    return write_video(path, needle_frames(num_frames, needle_index, colour, size, size, seed=seed), fps=fps)
