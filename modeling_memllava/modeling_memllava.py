@@ -352,7 +352,7 @@ class MemLlavaOnevisionModel(MemLlavaOnevisionPreTrainedModel, LlavaOnevisionMod
                 f"video_frame_mask {tuple(video_frame_mask.shape)} and video_timestamps "
                 f"{tuple(video_timestamps.shape)} must both be (batch, frames) = {(batch, num_frames)}"
             )
-        video_timestamps = video_timestamps.to(device)
+        video_timestamps = video_timestamps.to(device, torch.float32)
 
         fine_pos = self.fine_frame_positions(video_frame_mask)  # [B, F]
         chunk = cfg.memory_chunk_size

@@ -111,3 +111,69 @@ def tiny_model(seed: int = 0, base=None, **fields):
     return MemLlavaOnevisionForConditionalGeneration.from_llava_onevision(
         base, **{**TINY_MEMORY_DEFAULTS, **fields}
     ).eval()
+
+
+# LLaVA-OneVision's (Qwen2) chat format: images, then videos, then text in each turn; assistant text is marked for
+# `return_assistant_tokens_mask`. The real checkpoints ship this template with their tokenizer.
+CHAT_TEMPLATE = (
+    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' }}"
+    "{% if message['content'] is string %}{{ message['content'] }}{% else %}"
+    "{% for content in message['content'] | selectattr('type', 'equalto', 'image') %}{{ '<image>\n' }}{% endfor %}"
+    "{% for content in message['content'] | selectattr('type', 'equalto', 'video') %}{{ '<video>\n' }}{% endfor %}"
+    "{% for content in message['content'] | selectattr('type', 'equalto', 'text') %}"
+    "{% if message['role'] == 'assistant' %}{% generation %}{{ content['text'] }}{% endgeneration %}"
+    "{% else %}{{ content['text'] }}{% endif %}{% endfor %}{% endif %}"
+    "{{ '<|im_end|>\n' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+
+def tiny_tokenizer():
+    """A real byte-level Qwen2 tokenizer with a tiny vocabulary: 256 byte tokens and the special tokens above.
+
+    No merges, so every byte is one token: any text round-trips, and token ids are stable across versions.
+    """
+    from transformers import Qwen2Tokenizer
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+    byte_chars = bytes_to_unicode()
+    vocab = {byte_chars[byte]: byte for byte in range(256)}
+    vocab.update({token: TINY_PAD_TOKEN_ID + offset for offset, token in enumerate(TINY_SPECIAL_TOKENS)})
+    tokenizer = Qwen2Tokenizer(
+        vocab=vocab,
+        merges=[],
+        unk_token=None,
+        eos_token="<|im_end|>",
+        pad_token="<|endoftext|>",
+        extra_special_tokens={"image_token": "<image>", "video_token": "<video>"},
+        additional_special_tokens=["<|im_start|>", "<|im_end|>", "<image>", "<video>"],
+        chat_template=CHAT_TEMPLATE,
+        model_max_length=65536,
+    )
+    ids = tokenizer.convert_tokens_to_ids(list(TINY_SPECIAL_TOKENS))
+    assert ids == list(range(TINY_PAD_TOKEN_ID, TINY_PAD_TOKEN_ID + len(TINY_SPECIAL_TOKENS))), ids
+    return tokenizer
+
+
+def tiny_processor(config: MemLlavaOnevisionConfig | None = None, **fields):
+    """A `MemLlavaOnevisionProcessor` matching `tiny_config(**fields)` (or `config`): 64px frames, tiny tokenizer."""
+    from transformers import LlavaOnevisionImageProcessorPil
+
+    from .processing_memllava import MemLlavaOnevisionProcessor, MemLlavaOnevisionVideoProcessor
+
+    config = config if config is not None else tiny_config(**fields)
+    size = {"height": config.vision_config.image_size, "width": config.vision_config.image_size}
+    grid = config.vision_config.image_size // config.vision_config.patch_size
+    return MemLlavaOnevisionProcessor(
+        image_processor=LlavaOnevisionImageProcessorPil(size=size, image_grid_pinpoints=config.image_grid_pinpoints),
+        tokenizer=tiny_tokenizer(),
+        video_processor=MemLlavaOnevisionVideoProcessor(size=size),
+        num_image_tokens=grid * grid,
+        vision_feature_select_strategy=config.vision_feature_select_strategy,
+        chat_template=CHAT_TEMPLATE,
+        use_memory=config.use_memory,
+        num_memory_tokens=config.num_memory_tokens,
+        num_fine_frames=config.num_fine_frames,
+        tokens_per_frame=config.tokens_per_frame,
+        num_frames=16,
+    )
