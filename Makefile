@@ -13,6 +13,10 @@ $(VENV)/.installed: setup.cfg pyproject.toml
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet "$(TORCH_SPEC)"
 	$(PY) -m pip install --quiet -e ".[dev,bench]"
+	# lmms-eval's own requirements pull torchvision and timm (CUDA builds that break a CPU torch); the plugin and
+	# its tests need only the package itself plus these two. GPU boxes install the full `.[eval]` extra instead.
+	$(PY) -m pip install --quiet --no-deps "lmms-eval>=0.7,<0.8"
+	$(PY) -m pip install --quiet loguru pytz
 	touch $@
 
 install: $(VENV)/.installed

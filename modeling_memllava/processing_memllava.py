@@ -366,11 +366,12 @@ class MemLlavaOnevisionProcessor(LlavaOnevisionProcessor):
     @classmethod
     def _get_arguments_from_pretrained(cls, pretrained_model_name_or_path, processor_dict=None, **kwargs):
         # ProcessorMixin loads the video processor through AutoVideoProcessor, which refuses to run without
-        # torchvision even for a torch-only class; load ours directly (its file is this one).
-        kwargs = {k: v for k, v in kwargs.items() if k != "trust_remote_code"}
+        # torchvision even for a torch-only class; load ours directly (its file is this one). The Auto classes
+        # still get trust_remote_code: they read the checkpoint's config.json, whose classes are remote code.
         tokenizer = AutoTokenizer.from_pretrained(pretrained_model_name_or_path, **kwargs)
         image_processor = AutoImageProcessor.from_pretrained(pretrained_model_name_or_path, **kwargs)
-        video_processor = MemLlavaOnevisionVideoProcessor.from_pretrained(pretrained_model_name_or_path, **kwargs)
+        own_kwargs = {k: v for k, v in kwargs.items() if k != "trust_remote_code"}
+        video_processor = MemLlavaOnevisionVideoProcessor.from_pretrained(pretrained_model_name_or_path, **own_kwargs)
         by_name = {"image_processor": image_processor, "tokenizer": tokenizer, "video_processor": video_processor}
         return [by_name[name] for name in cls.get_attributes()]
 
