@@ -234,16 +234,25 @@ class MemLlavaOnevisionPreTrainedModel(LlavaOnevisionPreTrainedModel):
 
 
 def init_memory_weights(module: nn.Module, config: MemLlavaOnevisionConfig):
-    """Initialise the memory-specific parameters of `module` (nothing else): the fuser gates at 0 (identity),
-    the frame type embedding at 0 (fine frames carry exactly LLaVA-OV's features)."""
-    dim = config.text_config.hidden_size
+    """Initialise the memory-specific parameters of `module` (nothing else; linear layers get the base init).
+
+    - the fuser gates and the frame type embedding at 0: fine frames carry exactly LLaVA-OV's features;
+    - the temporal projection and the memory type embedding at 0, and m_0 at the LLM's init scale: anything larger
+      swamps the content. Projected frame tokens are small (std ~0.01 in a fresh tiny model), and a std-0.1
+      timestamp code or m_0 made the memory state 99.98% content-free: red and blue needles gave memory outputs
+      0.02% apart, and the memory path did not learn at all (bench/needle.py).
+    """
+    std = getattr(config.text_config, "initializer_range", 0.02)
     if isinstance(module, RecurrentMemory):
-        init.normal_(module.memory_tokens, mean=0.0, std=dim**-0.5)
+        init.normal_(module.memory_tokens, mean=0.0, std=std)
+        if module.temporal_proj is not None:
+            init.zeros_(module.temporal_proj.weight)
+            init.zeros_(module.temporal_proj.bias)
     elif isinstance(module, MemoryFuser):
         init.zeros_(module.attn_gate)
         init.zeros_(module.mlp_gate)
     elif isinstance(module, MemLlavaOnevisionModel) and config.use_memory:
-        init.normal_(module.memory_type_embedding, mean=0.0, std=dim**-0.5)
+        init.zeros_(module.memory_type_embedding)
         init.zeros_(module.frame_type_embedding)
 
 
@@ -429,7 +438,8 @@ class MemLlavaOnevisionModel(MemLlavaOnevisionPreTrainedModel, LlavaOnevisionMod
         weights were assigned from a LLaVA-OV model). Base weights are not touched."""
         for module in self.memory_modules():
             module.to_empty(device=device).to(dtype)
-            for submodule in module.modules():
+            # Children before parents, as post_init's smart_apply does, so a parent's own init has the last word.
+            for submodule in reversed(list(module.modules())):
                 self._init_weights(submodule)
         for name in ("memory_type_embedding", "frame_type_embedding"):
             setattr(self, name, nn.Parameter(torch.empty(self.config.text_config.hidden_size, device=device, dtype=dtype)))
@@ -523,6 +533,25 @@ class MemLlavaOnevisionForConditionalGeneration(MemLlavaOnevisionPreTrainedModel
         self.model = MemLlavaOnevisionModel(config)
         self.lm_head = nn.Linear(config.text_config.hidden_size, config.text_config.vocab_size, bias=False)
         self.post_init()
+
+    def enable_input_require_grads(self):
+        """As in transformers, except the vision tower when it is frozen (both MemLlava stages freeze it).
+
+        transformers hooks the input embeddings of every sub-model, SigLIP's patch embedding included; with a frozen
+        tower that only keeps every frame's activations alive and back-propagates through them for nothing
+        (bench/train_step.py: 2.7 -> 1.1 s a step and 405 -> 112 MiB at 128 frames, identical gradients).
+        """
+        super().enable_input_require_grads()
+        if any(p.requires_grad for p in self.model.vision_tower.parameters()):
+            return
+        for hook in self._require_grads_hooks:
+            hook.remove()
+
+        def make_inputs_require_grads(module, input, output):
+            output.requires_grad_(True)
+
+        self._require_grads_hooks = [self.get_input_embeddings().register_forward_hook(make_inputs_require_grads)]
+        self._require_grads_hook = self._require_grads_hooks[0]
 
     def memory_parameter_names(self) -> list[str]:
         """Names of the parameters that LLaVA-OneVision does not have (memory, fuser, projector, type embeddings)."""

@@ -200,6 +200,7 @@ class NeedleResult:
 
 
 def run_needle_benchmark(config: NeedleConfig, workdir: str, log=print) -> NeedleResult:
+    log = log or (lambda message: None)
     if config.threads:
         torch.set_num_threads(config.threads)
     start = time.perf_counter()

@@ -1,5 +1,6 @@
 """Core model: equivalence with LLaVA-OneVision, the memory path, conversion, saving and loading."""
 
+import copy
 import math
 
 import pytest
@@ -211,10 +212,14 @@ def test_memory_sees_frames_that_are_not_fine_frames(memory_model, plain_model):
 def test_timestamps_reach_the_memory(memory_model):
     config = memory_model.config
     pixels, ids = frames(12), video_prompt(config, 12)
+    run = lambda model, times=None: model(input_ids=ids, pixel_values_videos=pixels, video_timestamps=times).logits  # noqa: E731
     with torch.no_grad():
-        a = memory_model(input_ids=ids, pixel_values_videos=pixels).logits
-        b = memory_model(input_ids=ids, pixel_values_videos=pixels, video_timestamps=torch.arange(12.0)[None]).logits
-        c = memory_model(input_ids=ids, pixel_values_videos=pixels, video_timestamps=5 * torch.arange(12.0)[None]).logits
+        # The temporal projection starts at zero (content first); once trained, timestamps steer the memory.
+        assert torch.equal(run(memory_model), run(memory_model, 5 * torch.arange(12.0)[None]))
+        trained = copy.deepcopy(memory_model)
+        torch.nn.init.normal_(trained.model.memory.temporal_proj.weight, std=0.02)
+        a, b = run(trained), run(trained, torch.arange(12.0)[None])
+        c = run(trained, 5 * torch.arange(12.0)[None])
     assert torch.equal(a, b)  # no timestamps = frame indices
     assert not torch.allclose(a, c)
 
@@ -335,6 +340,12 @@ def test_gradient_checkpointing_through_the_recurrence_gives_the_same_gradients(
     for name in grads_plain:
         torch.testing.assert_close(grads_ckpt[name], grads_plain[name], rtol=1e-4, atol=1e-6)
     assert grads_plain["model.memory.memory_tokens"].abs().sum() > 0
+    # The frozen vision tower is left out of the input-grad hooks checkpointing installs: no graph through it.
+    vision_out = []
+    model.model.vision_tower.get_input_embeddings().register_forward_hook(lambda m, i, o: vision_out.append(o))
+    loss_and_grads(model, ids, pixels)
+    assert vision_out and not any(o.requires_grad for o in vision_out)
+    assert len(model._require_grads_hooks) == 1
 
 
 def test_truncated_bptt_cuts_gradients_to_early_chunks():
