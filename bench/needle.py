@@ -22,10 +22,10 @@ def parse_args(argv=None):
     parser.add_argument("--output", default="bench/results/needle", help="folder for the table, JSON and plot")
     parser.add_argument("--workdir", default=None, help="where generated videos are cached (default: OUTPUT/videos)")
     parser.add_argument("--no-plot", action="store_true")
+    parser.add_argument("--eval-frames", type=int, nargs="+", default=None)
+    parser.add_argument("--curriculum", nargs="+", default=None, metavar="FRAMES:STEPS", help="e.g. 8:200 32:600")
     for field in dataclasses.fields(NeedleConfig):
-        if field.name in ("eval_frames",):
-            parser.add_argument("--eval-frames", type=int, nargs="+", default=None)
-        else:
+        if field.name not in ("eval_frames", "curriculum"):
             kind = {"int": int, "float": float, "int | None": int}.get(str(field.type), float)
             parser.add_argument(f"--{field.name.replace('_', '-')}", type=kind, default=None)
     return parser.parse_args(argv)
@@ -36,8 +36,10 @@ def main(argv=None) -> int:
     config = NeedleConfig.quick() if args.quick else NeedleConfig()
     overrides = {f.name: getattr(args, f.name) for f in dataclasses.fields(NeedleConfig) if getattr(args, f.name, None) is not None}
     config = dataclasses.replace(config, **overrides)
-    if config.eval_frames is not None:
-        config = dataclasses.replace(config, eval_frames=tuple(config.eval_frames))
+    config = dataclasses.replace(config, eval_frames=tuple(config.eval_frames))
+    if args.curriculum:
+        stages = tuple(tuple(int(x) for x in stage.split(":")) for stage in args.curriculum)
+        config = dataclasses.replace(config, curriculum=stages)
     print(f"needle benchmark: {config}", file=sys.stderr)
     result = run_needle_benchmark(config, args.workdir or f"{args.output}/videos", log=lambda m: print(m, file=sys.stderr))
     paths = save_result(result, args.output, plot=not args.no_plot)

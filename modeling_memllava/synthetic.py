@@ -30,6 +30,7 @@ def write_video(
 
     `frames` may be a generator, so a 10-minute video never sits in memory. `frame_times` (seconds, increasing)
     gives a variable frame rate: each frame gets its own presentation timestamp instead of `i / fps`.
+    h264 in yuv420p needs even sizes (libx264 refuses 427x240); mpeg4 writes odd sizes.
     """
     path = os.fspath(path)
     times = iter(frame_times) if frame_times is not None else None
@@ -40,6 +41,8 @@ def write_video(
             frame = np.ascontiguousarray(frame, dtype=np.uint8)
             if stream is None:
                 height, width = frame.shape[:2]
+                if codec in ("h264", "libx264") and (height % 2 or width % 2):
+                    raise ValueError(f"{path}: h264 (yuv420p) needs even frame sizes, got {width}x{height}; use mpeg4")
                 stream = container.add_stream(codec, rate=fractions.Fraction(fps).limit_denominator(1000))
                 stream.width, stream.height = width, height
                 stream.pix_fmt = "yuv420p"
@@ -102,12 +105,19 @@ NEEDLE_COLOURS = {"red": (230, 30, 30), "green": (30, 200, 40), "blue": (30, 60,
 
 
 def needle_frames(
-    num_frames: int, needle_index: int, colour: str, height: int = 64, width: int = 64, *, seed: int = 0
+    num_frames: int,
+    needle_index: int,
+    colour: str,
+    height: int = 64,
+    width: int = 64,
+    *,
+    seed: int = 0,
+    length: int = 1,
 ) -> Iterable[np.ndarray]:
-    """Grey distractor frames (noise texture and drifting grey blobs, no colour at all) with one frame, at
-    `needle_index`, showing a large disc of `colour`: the only coloured thing in the whole video."""
-    if not 0 <= needle_index < num_frames:
-        raise ValueError(f"needle_index {needle_index} outside a {num_frames}-frame video")
+    """Grey distractor frames (noise texture and drifting grey blobs, no colour at all) with one event: from frame
+    `needle_index` for `length` frames a large disc of `colour` shows, the only coloured thing in the video."""
+    if length < 1 or not 0 <= needle_index <= num_frames - length:
+        raise ValueError(f"a {length}-frame needle at {needle_index} does not fit a {num_frames}-frame video")
     rng = np.random.default_rng(seed)
     texture = rng.integers(60, 140, size=(height, width), dtype=np.uint8)
     yy, xx = np.mgrid[0:height, 0:width]
@@ -121,10 +131,14 @@ def needle_frames(
         frame = np.repeat(np.clip(grey, 0, 255).astype(np.uint8)[..., None], 3, axis=2)
         if index == needle_index:
             cx, cy = rng.uniform(0.3, 0.7) * width, rng.uniform(0.3, 0.7) * height
+        if needle_index <= index < needle_index + length:
             frame[(xx - cx) ** 2 + (yy - cy) ** 2 < (min(height, width) / 3.5) ** 2] = NEEDLE_COLOURS[colour]
         yield frame
 
 
-def make_needle_video(path, num_frames: int, needle_index: int, colour: str, *, size: int = 64, fps: float = 4.0, seed: int = 0) -> str:
+def make_needle_video(
+    path, num_frames: int, needle_index: int, colour: str, *, size: int = 64, fps: float = 4.0, seed: int = 0, length: int = 1
+) -> str:
     """Write a needle video with a real codec (h264)."""
-    return write_video(path, needle_frames(num_frames, needle_index, colour, size, size, seed=seed), fps=fps)
+    frames = needle_frames(num_frames, needle_index, colour, size, size, seed=seed, length=length)
+    return write_video(path, frames, fps=fps)

@@ -561,18 +561,22 @@ def load_video(
         frames, kept, skipped = _decode(reader, indices)
         _too_many_failed(src.label, len(skipped), len(np.unique(indices)))
         _warn_skipped(src.label, skipped)
-        return VideoClip(
-            frames=frames,
-            indices=kept,
-            timestamps=reader.timestamps(kept),
-            fps=reader.fps,
-            duration=reader.duration,
-            backend=reader.backend,
-            num_total_frames=reader.num_total,
-            skipped=skipped,
-        )
+        return _clip(reader, frames, kept, skipped)
     finally:
         reader.close()
+
+
+def _clip(reader, frames, kept: np.ndarray, skipped: list[int]) -> VideoClip:
+    return VideoClip(
+        frames=frames,
+        indices=kept,
+        timestamps=reader.timestamps(kept),
+        fps=reader.fps,
+        duration=reader.duration,
+        backend=reader.backend,
+        num_total_frames=reader.num_total,
+        skipped=skipped,
+    )
 
 
 def iter_video_chunks(
@@ -607,15 +611,6 @@ def iter_video_chunks(
             _warn_skipped(src.label, skipped)
             if frames is not None and transform is not None:
                 frames = transform(frames)
-            yield VideoClip(
-                frames=frames,
-                indices=kept,
-                timestamps=reader.timestamps(kept),
-                fps=reader.fps,
-                duration=reader.duration,
-                backend=reader.backend,
-                num_total_frames=reader.num_total,
-                skipped=skipped,
-            )
+            yield _clip(reader, frames, kept, skipped)
     finally:
         reader.close()

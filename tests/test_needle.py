@@ -66,7 +66,7 @@ def test_quick_run_writes_table_json_and_plot(tmp_path):
             assert 0 <= value <= 1 and (value * config.eval_videos) == pytest.approx(round(value * config.eval_videos))
     paths = save_result(result, str(tmp_path / "out"))
     saved = json.loads(open(paths["json"]).read())
-    assert saved["config"]["steps"] == config.steps
+    assert [tuple(stage) for stage in saved["config"]["curriculum"]] == list(config.curriculum)
     assert open(paths["plot"], "rb").read(8) == b"\x89PNG\r\n\x1a\n"
     table = open(paths["table"]).read()
     assert table.count("\n| ") == len(config.eval_frames) and "chance = 25.0%" in table
