@@ -45,7 +45,7 @@ class NeedleConfig:
 
     # Curriculum shared by both arms, (frames per video, steps): short videos first, where the disc is usually among
     # the fine frames, so the random LLM learns what a colour looks like before it must rely on the memory.
-    curriculum: tuple[tuple[int, int], ...] = ((8, 200), (16, 400), (32, 600))
+    curriculum: tuple[tuple[int, int], ...] = ((8, 200), (16, 400), (32, 400), (64, 400))
     eval_frames: tuple[int, ...] = (16, 64, 256)
     needle_length: int = 4  # frames the disc stays on screen (1 s at 4 fps)
     train_videos: int = 128  # per curriculum stage
@@ -283,7 +283,7 @@ def save_result(result: NeedleResult, folder: str, plot: bool = True) -> dict[st
         axis.set_xlabel("frames in the video (T)")
         axis.set_ylabel("accuracy")
         axis.set_title("Needle in a video haystack (tiny models, CPU)")
-        axis.legend(fontsize=8)
+        axis.legend(fontsize=8, loc="lower left")
         figure.tight_layout()
         paths["plot"] = os.path.join(folder, "needle_accuracy.png")
         figure.savefig(paths["plot"], dpi=120)
