@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""The whole MemLlava loop, offline, on the embedded tiny model (`make demo`; about 5-10 minutes on 2 CPU cores).
+"""The whole MemLlava loop, offline, on the embedded tiny model (`make demo`; about 3-4 minutes on 2 CPU cores).
 
 1. a local mini LLaVA-Video-178K in the Hub's exact layout (tar.gz archives + JSON), with four bad samples
 2. stage short: `accelerate launch` with two processes (gloo) -> memory modules only
@@ -124,9 +124,9 @@ def main(argv=None) -> int:
     print(f"  {short}: stage short checkpoint; data report: {report['skipped_total']} skipped samples {report['skipped']}")
     print(f"  {long}: stage long checkpoint (loads with AutoModel.from_pretrained(..., trust_remote_code=True))")
     print(f"  {needle_out}: needle_table.md, needle_results.json, needle_accuracy.png")
-    print(f"  {staged}: exactly what `huggingface-cli upload your-name/memllava-tiny-demo {staged}` would upload")
+    print(f"  {staged}: exactly what `hf upload your-name/memllava-tiny-demo {staged}` would upload (the CLI formerly called huggingface-cli)")
     print("\nNeedle benchmark:\n" + (needle_out / "needle_table.md").read_text())
-    print("The models are tiny and random-initialised: answers are meaningless; the pipeline is real.")
+    print("The models are tiny and trained for seconds on synthetic clips: the chat answer means nothing; the pipeline is real.")
     return 0
 
 

@@ -105,6 +105,8 @@ def main(argv=None) -> int:
         f"{model.config.num_video_tokens(len(clip))} visual tokens; {time.perf_counter() - start:.1f} s]",
         file=sys.stderr,
     )
+    if not answer:
+        print("(the model generated no text: end-of-turn straight away)", file=sys.stderr)
     print(answer)
     return 0
 
