@@ -442,3 +442,16 @@ def test_save_and_load_with_remote_code_in_a_clean_process(memory_model, tmp_pat
         print("OK")
         """
     )
+
+
+def test_model_presets_are_valid_configs():
+    """configs/model/*.json hold memory-field presets (e.g. the seed's settings); each must build a valid config."""
+    import json
+    from pathlib import Path
+
+    presets = sorted((Path(__file__).resolve().parents[1] / "configs" / "model").glob("*.json"))
+    assert presets
+    for path in presets:
+        fields = {k: v for k, v in json.loads(path.read_text()).items() if not k.startswith("_")}
+        config = tiny_config(**fields)
+        assert config.num_video_tokens(10_000) == fields["num_memory_tokens"] + fields["num_fine_frames"] * 16 + 1
