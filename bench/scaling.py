@@ -18,13 +18,7 @@ import subprocess
 import sys
 import time
 
-
-def read_status_kib(field: str) -> int:
-    with open("/proc/self/status") as status:
-        for line in status:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise RuntimeError(f"{field} not in /proc/self/status")
+from peak_rss import read_status_kib, reset_peak
 
 
 def build_models(args):
@@ -71,8 +65,7 @@ def measure(net, args) -> dict:
     ids = torch.tensor([[1, 2, 3] + [config.video_token_id] * video_tokens + [4, 5, 6, 7]])
     pixels = torch.randn(1, frames, 3, 384, 384)
     rss_before = read_status_kib("VmRSS")
-    with open("/proc/self/clear_refs", "w") as refs:
-        refs.write("5")  # reset VmHWM to the current RSS
+    reset_peak()
     start = time.perf_counter()
     with torch.inference_mode():
         net(input_ids=ids, pixel_values_videos=pixels, use_cache=True, logits_to_keep=1)

@@ -41,6 +41,8 @@ import subprocess
 import sys
 import time
 
+from peak_rss import read_status_kib, reset_peak
+
 
 # -- shapes -------------------------------------------------------------------------------------------------------
 
@@ -76,14 +78,6 @@ SIGLIP_SO400M = dict(
     layer_norm_eps=1e-6,
     vision_use_head=False,
 )
-
-
-def read_status_kib(field: str) -> int:  # mirrors bench/scaling.py's helper (a script, not an importable module)
-    with open("/proc/self/status") as status:
-        for line in status:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise RuntimeError(f"{field} not in /proc/self/status")
 
 
 def base_config(shape: str):
@@ -216,8 +210,7 @@ def worker(args) -> dict:
         before = torch.cuda.memory_allocated()
     else:
         rss_before = read_status_kib("VmRSS")
-        with open("/proc/self/clear_refs", "w") as refs:
-            refs.write("5")  # reset VmHWM to the current RSS
+        reset_peak()
     warmup = step()
     if warmup > args.max_step_s:
         return {**result, "skipped": f"warm-up step took {warmup:.0f} s > cap {args.max_step_s:.0f} s"}

@@ -26,6 +26,7 @@ import tempfile
 import time
 
 import numpy as np
+from peak_rss import read_status_kib, reset_peak
 
 
 CACHE = os.path.join(tempfile.gettempdir(), "memllava_bench_video")
@@ -79,10 +80,9 @@ def make_bench_video(seconds: int, gop: int | None) -> str:
 
 
 def _reset_peak_rss() -> bool:
-    """Reset VmHWM so the peak excludes imports (Linux >= 4.0); False when not allowed."""
+    """Reset VmHWM so the peak excludes imports; False when not allowed."""
     try:
-        with open("/proc/self/clear_refs", "w") as handle:
-            handle.write("5")
+        reset_peak()
         return True
     except OSError:
         return False
@@ -90,15 +90,11 @@ def _reset_peak_rss() -> bool:
 
 def _peak_rss_mib() -> float:
     try:
-        with open("/proc/self/status") as handle:
-            for line in handle:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    import resource
+        return read_status_kib("VmHWM") / 1024
+    except (OSError, RuntimeError):
+        import resource
 
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def _decode_all(path: str, num_frames: int) -> np.ndarray:
