@@ -21,7 +21,7 @@ import json
 import os
 import random
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 import numpy as np
 import torch
@@ -107,7 +107,7 @@ class NeedleArm:
         if self.frames_per_video is None:
             return clip
         keep = uniform_sample_indices(len(clip.frames), self.frames_per_video)
-        return type(clip)(**{**clip.__dict__, "frames": clip.frames[keep], "indices": clip.indices[keep], "timestamps": clip.timestamps[keep]})
+        return replace(clip, frames=clip.frames[keep], indices=clip.indices[keep], timestamps=clip.timestamps[keep])
 
     def batch(self, clips, answers=None) -> dict:
         user = [{"role": "user", "content": [{"type": "video"}, {"type": "text", "text": QUESTION}]}]
